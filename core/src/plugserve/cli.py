@@ -101,6 +101,32 @@ def _generate(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    import os
+
+    from plugserve.engine import LLMEngine
+    from plugserve.server import serve
+
+    config = engine_config(args)
+    config.served_model_name = args.served_model_name
+
+    def load_and_warm():
+        engine = LLMEngine(config)
+        engine.warmup()
+        return engine
+
+    serve(load_and_warm, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("PLUGSERVE_API_KEY"),
+          max_waiting=args.max_waiting, cors_origins=args.cors_origin or None, grace_period_s=args.grace_period,
+          max_body_bytes=args.max_body_bytes)
+    return 0
+
+
+def _bench(args) -> int:
+    from plugserve.bench import run_bench
+
+    return run_bench(args, _make_engine)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="plugserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -112,6 +138,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.set_defaults(func=_generate)
+
+    s = sub.add_parser("serve", help="serve an OpenAI-compatible API (default: the default model on 127.0.0.1:8000)")
+    add_engine_args(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set PLUGSERVE_API_KEY)")
+    s.add_argument("--served-model-name", help="model id clients send (default: the model file's name)")
+    s.add_argument("--max-waiting", type=int, default=256, help="queued requests before 503")
+    s.add_argument("--cors-origin", action="append", help="allow this CORS origin (repeatable); none by default")
+    s.add_argument("--grace-period", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
+    s.add_argument("--max-body-bytes", type=_bytes, default=8 * 2**20)
+    s.set_defaults(func=_serve)
+    b = sub.add_parser("bench", help="offline throughput / batch-1 latency benchmark, printed as JSON")
+    add_engine_args(b)
+    from plugserve.bench import add_bench_args
+    add_bench_args(b)
+    b.set_defaults(func=_bench)
     p = sub.add_parser("platforms", help="list installed platforms and plugins")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--platform", help="check that this platform is installed and usable")

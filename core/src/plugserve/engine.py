@@ -113,6 +113,12 @@ class LLMEngine:
                              f"raise --kv-cache-memory")
         return int(num_blocks)
 
+    def warmup(self) -> None:
+        """Run one tiny request through every stage so the first real request pays no first-call costs."""
+        self.add_request("__warmup__", [0, 1], SamplingParams(max_tokens=2, ignore_eos=True))
+        while self.has_unfinished_requests():
+            self.step()
+
     # -------------------------------------------------------------- requests
     def add_request(self, request_id: str, prompt: "str | list[int]", params: SamplingParams | None = None) -> None:
         params = params or SamplingParams()
