@@ -144,8 +144,9 @@ class LLMEngine:
                                      StopChecker(child_params.stop, child_params.include_stop_str_in_output),
                                      logprobs=[] if child_params.logprobs is not None else None)
             (request.completions if i == 0 else request.pending_forks).append(completion)
-            self._by_seq[seq.seq_id] = (request, completion)
-        self.scheduler.add(request.completions[0].seq, max_tokens)
+        self.scheduler.add(request.completions[0].seq, max_tokens)  # raises if it can never fit the KV pool
+        for c in request.completions + request.pending_forks:
+            self._by_seq[c.seq.seq_id] = (request, c)
         self.requests[request_id] = request
 
     def abort_request(self, request_id: str) -> None:
@@ -184,7 +185,8 @@ class LLMEngine:
                 rows.append(SamplerRow(c.params, c.generator, c.seq.prompt_token_ids, c.seq.output_token_ids))
                 row_logits.append(i)
                 completions.append((request, c))
-        tokens = self.sampler(logits[row_logits] if len(row_logits) != len(sampled) else logits, rows)
+        # A step of prefill chunks that all end mid-prompt samples nothing.
+        tokens = self.sampler(logits[row_logits], rows) if rows else []
         touched: dict[str, _Request] = {}
         for (request, c), token in zip(completions, tokens):
             self._append(c, token)
