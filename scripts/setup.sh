@@ -10,7 +10,7 @@ pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 # torch first and pinned: 2.13.0's CPU build lies on this kind of machine's disk; a
 # looser requirement would pull a multi-GB CUDA build. The packages accept >=2.6,<3.
 "${pip[@]}" "torch==${PLUGSERVE_TORCH_VERSION:-2.13.0}"
-"${pip[@]}" -e plugin_api -e platforms/cpu -e "core[cpu]"
+"${pip[@]}" -e plugin_api -e platforms/cpu -e "core[cpu]" -e conformance
 # The CUDA platform too: its detection test and the import contracts run everywhere (no Triton needed).
 "${pip[@]}" -e platforms/cuda
 "${pip[@]}" -r requirements-dev.txt

@@ -127,6 +127,36 @@ def _bench(args) -> int:
     return run_bench(args, _make_engine)
 
 
+def _conformance(args) -> int:
+    # Imported here: the core must not depend on the conformance suite at import time.
+    try:
+        from plugserve_conformance.cli import main
+    except ModuleNotFoundError as exc:
+        if exc.name != "plugserve_conformance":
+            raise
+        print("error: the conformance suite is not installed; pip install plugserve-conformance", file=sys.stderr)
+        return 2
+    return main(args)
+
+
+def _add_conformance_parser(sub) -> None:
+    c = sub.add_parser("conformance", help="run the platform conformance suite (or: conformance matrix REPORT...)")
+    c.add_argument("--platform", help="platform to test (required unless running `matrix`)")
+    c.add_argument("--tier", help="comma-separated tiers: api,ops,attention,e2e,perf,graph,communicator "
+                                  "(default: all but perf)")
+    c.add_argument("-k", metavar="PATTERN", help="only case ids containing PATTERN (or matching it, if a glob)")
+    c.add_argument("--sweep", default="full", choices=["full", "quick"], help="quick: a reduced shape sweep")
+    c.add_argument("--report", metavar="OUT.json", help="write the JSON report here")
+    c.add_argument("--junit", metavar="OUT.xml", help="write a JUnit XML report here")
+    c.add_argument("--expectations", metavar="FILE", help="TOML include / exclude / expected-failure list")
+    c.add_argument("-v", "--verbose", action="store_true", help="one line per case")
+    c.set_defaults(func=_conformance, conformance_command=None)
+    csub = c.add_subparsers(dest="conformance_command")
+    m = csub.add_parser("matrix", help="write a Markdown support matrix from conformance reports")
+    m.add_argument("reports", nargs="+", metavar="REPORT")
+    m.add_argument("-o", "--output", help="output file (default: stdout)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="plugserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -159,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--platform", help="check that this platform is installed and usable")
     p.set_defaults(func=_platforms)
+    _add_conformance_parser(sub)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""One module per tier; each has ``cases(target, sweep) -> list[Case]``."""
