@@ -1,5 +1,4 @@
 """The CPU platform: always usable, lowest priority."""
-import os
 import platform as host
 from dataclasses import replace
 
@@ -10,7 +9,7 @@ from plugserve_plugin_api import (
     REFERENCE_OPS, AttentionBackend, Detection, GroupQuantWeight, Linear, MemoryInfo, Ops, Platform,
     PlatformConfig, ReferenceAttention, ReferenceLinear,
 )
-from plugserve_cpu.linear import Int4Linear, Int8Linear, int4_supported, int8_supported
+from plugserve_cpu.linear import Int4Linear, int4_supported
 
 
 def _cpu_supports_bf16() -> bool:
@@ -47,11 +46,6 @@ class CpuPlatform(Platform):
         return Detection(usable=True, priority=0, reason="the CPU is always there")
 
     def init_device(self, rank: int = 0) -> torch.device:
-        # PLUGSERVE_CPU_THREADS: torch's intra-op threads. On a shared, oversubscribed host fewer threads than
-        # cores can be much faster (OpenMP barriers stall when a thread is descheduled).
-        threads = os.environ.get("PLUGSERVE_CPU_THREADS")
-        if threads:
-            torch.set_num_threads(int(threads))
         return torch.device("cpu")
 
     def describe_device(self) -> str:
@@ -76,11 +70,8 @@ class CpuPlatform(Platform):
     def make_linear(self, weight, bias, config: PlatformConfig, device: torch.device) -> Linear:
         if (isinstance(weight, GroupQuantWeight) and config.quantization == "auto" and int4_supported(weight)):
             return Int4Linear(weight, bias)
-        if (isinstance(weight, GroupQuantWeight) and config.quantization == "auto" and int8_supported(weight)):
-            return Int8Linear(weight, bias)
         return ReferenceLinear(weight, bias, config.dtype, device)
 
     def capabilities(self) -> dict:
-        return {"quantized_linear": ["int4 weight-only (GGUF Q4_0 / Q4_1)",
-                                     "int8 weight-only, per-row requantised (GGUF Q8_0)"],
+        return {"quantized_linear": ["int4 weight-only (GGUF Q4_0 / Q4_1)"],
                 "bf16_native": _cpu_supports_bf16(), "graph_capture": False}
