@@ -297,6 +297,15 @@ def _sse_response(events: AsyncIterator[dict], timer: RequestTimer,
 
 # ------------------------------------------------------------------ app factory
 
+def _chunk_maker(rid: str, obj: str, created: int, model: str, include_usage: bool):
+    """Builds one streamed event; every event carries "usage" (null until the last) when the client asked for it."""
+    def chunk(choices: list, usage_obj=None) -> dict:
+        ev = {"id": rid, "object": obj, "created": created, "model": model,
+              "system_fingerprint": None, "choices": choices}
+        if include_usage:
+            ev["usage"] = usage_obj
+        return ev
+    return chunk
 def build_app(engine_client: AsyncEngineClient, *, api_key: str | None = None,
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, cors_origins: Iterable[str] | None = None,
               served_model_name: str | None = None) -> FastAPI:
@@ -470,12 +479,7 @@ def build_app(engine_client: AsyncEngineClient, *, api_key: str | None = None,
         sent: dict[int, list] = {}
         usage = _Usage()
 
-        def chunk(choices: list, usage_obj=None) -> dict:
-            ev = {"id": rid, "object": "text_completion", "created": created, "model": model,
-                  "system_fingerprint": None, "choices": choices}
-            if include_usage:
-                ev["usage"] = usage_obj
-            return ev
+        chunk = _chunk_maker(rid, "text_completion", created, model, include_usage)
 
         async with aclosing(_merge(streams)) as merged:
             async for i, out in merged:
@@ -558,12 +562,7 @@ def build_app(engine_client: AsyncEngineClient, *, api_key: str | None = None,
         sent: dict[int, list] = {}  # choice index -> [chars sent, tokens sent, finished]
         usage = _Usage()
 
-        def chunk(choices: list, usage_obj=None) -> dict:
-            ev = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                  "system_fingerprint": None, "choices": choices}
-            if include_usage:
-                ev["usage"] = usage_obj
-            return ev
+        chunk = _chunk_maker(rid, "chat.completion.chunk", created, model, include_usage)
 
         for g in range(req.n):  # role first, as OpenAI does, before any token exists
             yield chunk([{"index": g, "delta": {"role": "assistant", "content": ""},
